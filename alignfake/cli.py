@@ -1,0 +1,244 @@
+"""The ``alignfake`` command line: parse, call one library function, print. Heavy modules are imported inside
+the commands that need them, so ``--help``, ``validate``, ``reduce``, ``render`` and ``submit`` never load
+torch or transformers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import AlignfakeError, SpecError
+
+EMBEDDED_NOTE = (
+    "Note: the embedded tiny model has random-initialised weights trained for seconds on our own text; "
+    "its numbers mean nothing. The machinery is real."
+)
+
+
+def _fail(e: AlignfakeError) -> None:
+    if isinstance(e, SpecError):
+        for p in e.problems:
+            click.echo(f"{e.source}: {p}", err=True)
+    else:
+        click.echo(f"error: {e}", err=True)
+    sys.exit(e.exit_code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AlignfakeError as e:
+            _fail(e)
+
+    return wrapper
+
+
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a spec field, e.g. --set spec.evaluation.queries.limit=10 (repeatable; value is YAML).",
+)
+output_option = click.option(
+    "--output", "-o", "output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+    help="Output format (json for scripts).",
+)
+
+
+def _load(file: str, overrides: tuple[str, ...]) -> Any:
+    from .spec import load_experiment
+
+    return load_experiment(file, list(overrides))
+
+
+def _uses_embedded(exp: Any) -> bool:
+    from .spec import EMBEDDED_MODEL
+
+    return any(m.base == EMBEDDED_MODEL for m in exp.spec.models)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="alignfake")
+def cli() -> None:
+    """Run alignment-faking experiments and report compliance gaps (free-tier minus paid-tier compliance)."""
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@set_option
+def validate(file: str, overrides: tuple[str, ...]) -> None:
+    """Check an experiment file; print `ok` or one line per problem with its field path (exit 2)."""
+    try:
+        _load(file, overrides)
+    except SpecError as e:
+        _fail(e)
+    click.echo("ok")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--recompute", is_flag=True, help="Replace outputs committed from different inputs.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(["finetune", "sample", "classify", "reduce"]),
+              help="Run only these stages (repeatable); default: all.")
+@output_option
+@handle_errors
+def run(file: str, overrides: tuple[str, ...], recompute: bool, no_progress: bool, stages: tuple[str, ...],
+        output: str) -> None:
+    """Run an experiment end to end in this process (the embedded default: no cluster needed)."""
+    from .executors.local import run_experiment
+
+    exp = _load(file, overrides)
+    summary = run_experiment(
+        exp,
+        recompute=recompute,
+        show_progress=not no_progress and output == "table",
+        log=lambda m: click.echo(m, err=True),
+        stages=stages or ("finetune", "sample", "classify", "reduce"),
+    )
+    if summary is not None:
+        _print_summary(summary, output, note=EMBEDDED_NOTE if _uses_embedded(exp) else None,
+                       where=f"{exp.spec.storage.uri.rstrip('/')}/{exp.name}/results")
+
+
+def _print_summary(summary: Any, output: str, note: str | None, where: str | None = None) -> None:
+    if output == "json":
+        click.echo(summary.to_json(orient="records", indent=2))
+        return
+    from rich.console import Console
+
+    from .stages.reduce import format_table
+
+    console = Console()
+    console.print(format_table(summary))
+    if where:
+        console.print(f"results: {where}/")
+    if note:
+        console.print(note)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@set_option
+@output_option
+@handle_errors
+def status(file: str, overrides: tuple[str, ...], output: str) -> None:
+    """Show, per stage and model, what is committed, pending and stale."""
+    from .executors.local import experiment_status
+    from .stages.common import Context
+    from .store import store_for
+
+    exp = _load(file, overrides)
+    rows = experiment_status(Context(exp, store_for(exp)))
+    if output == "json":
+        click.echo(json.dumps([{**r.__dict__, "state": r.state} for r in rows], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("stage", "model", "committed", "pending", "stale", "state")
+    for r in rows:
+        t.add_row(r.stage, r.model or "-", str(r.committed), str(r.pending), str(r.stale), r.state)
+    Console().print(t)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
+@set_option
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False),
+              help="Reduce a label table produced elsewhere (CSV, JSONL or Parquet; see README for columns).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="With --labels: write results here.")
+@click.option("--tiers", default=None, help="With --labels: tier order, e.g. free,paid (gap = first - second).")
+@click.option("--recompute", is_flag=True, help="Replace results committed from different inputs.")
+@output_option
+@handle_errors
+def reduce(file: str | None, overrides: tuple[str, ...], labels: str | None, out_dir: str | None,
+           tiers: str | None, recompute: bool, output: str) -> None:
+    """Compute rates, compliance gaps (paired bootstrap CI, McNemar p) and the report.
+
+    Either FILE (an experiment whose labels are in its store) or --labels TABLE."""
+    if labels:
+        from .stages.reduce import load_label_table, summarize, write_results
+
+        df = load_label_table(labels)
+        summary = summarize(df, tiers=tiers.split(",") if tiers else None)
+        if out_dir:
+            write_results(summary, df, Path(out_dir), title=f"alignfake: {Path(labels).name}", note=None)
+        _print_summary(summary, output, note=None, where=out_dir)
+        return
+    if not file:
+        raise click.UsageError("give an experiment FILE or --labels TABLE")
+    from .stages.common import Context
+    from .stages.reduce import run_reduce
+    from .store import store_for
+
+    exp = _load(file, overrides)
+    summary = run_reduce(Context(exp, store_for(exp), recompute=recompute))
+    _print_summary(summary, output, note=EMBEDDED_NOTE if _uses_embedded(exp) else None,
+                   where=f"{exp.spec.storage.uri.rstrip('/')}/{exp.name}/results")
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(["finetune", "sample", "classify", "reduce"]))
+@click.argument("file", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--model", "model_name", help="Model to run the stage for (all models if omitted).")
+@click.option("--shard-index", type=int, default=None,
+              help="This worker's index (default: $JOB_COMPLETION_INDEX, else 0).")
+@click.option("--shard-count", type=int, default=1, show_default=True, help="Workers sharing the stage.")
+@click.option("--recompute", is_flag=True, help="Replace outputs committed from different inputs.")
+@handle_errors
+def stage(name: str, file: str, overrides: tuple[str, ...], model_name: str | None, shard_index: int | None,
+          shard_count: int, recompute: bool) -> None:
+    """Run one stage (the entrypoint of Kubernetes Jobs)."""
+    from .executors.local import check_not_stale
+    from .stages.common import Context
+    from .store import store_for
+
+    exp = _load(file, overrides)
+    index = shard_index if shard_index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+    if not 0 <= index < shard_count:
+        raise click.BadParameter(f"shard index {index} is outside 0..{shard_count - 1}", param_hint="--shard-index")
+    store = store_for(exp)
+    store.check()
+    ctx = Context(exp, store, recompute=recompute, log=lambda m: click.echo(m, err=True))
+    check_not_stale(ctx)
+    models = [exp.model(model_name)] if model_name else exp.spec.models
+    if name == "reduce":
+        from .stages.reduce import run_reduce
+
+        run_reduce(ctx)
+    elif name == "finetune":
+        from .stages.finetune import run_finetune
+
+        for m in models:
+            if m.finetune is not None:
+                run_finetune(ctx, m)
+    elif name == "sample":
+        from .stages.sample import run_sample
+
+        for m in models:
+            n = run_sample(ctx, m, index, shard_count)
+            click.echo(f"sample {m.name}: committed {n} shard(s) as worker {index}/{shard_count}", err=True)
+    else:
+        from .stages.classify import run_classify
+
+        for m in models:
+            n = run_classify(ctx, m, index, shard_count)
+            click.echo(f"classify {m.name}: committed {n} shard(s) as worker {index}/{shard_count}", err=True)
+
+
+def main() -> None:
+    cli(prog_name=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "alignfake")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

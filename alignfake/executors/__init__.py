@@ -1,0 +1,1 @@
+"""Where stages run: in-process (``local``) or as Kubernetes Jobs (``kubernetes``)."""
