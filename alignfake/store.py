@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StaleOutputError, StoreError
+from .faults import crash_point
 
 MARKER_SUFFIX = ".commit.json"
 
@@ -166,12 +167,30 @@ class Store(ABC):
         for name, data in (files or {}).items():
             self.write_bytes(_join(piece, name), data)
             objects[name] = {"size": len(data), "sha256": sha256_bytes(data)}
+            crash_point("store.write")
         for name, path in (local_files or {}).items():
             self.upload_file(path, _join(piece, name))
             objects[name] = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+            crash_point("store.write")
         m = Marker(piece, fp, objects, {"committed_at": time.time(), **(meta or {})})
         self.write_bytes(piece + MARKER_SUFFIX, m.to_json())
+        crash_point("store.marker")
         return m
+
+    def read_committed(self, piece: str, fp: str, name: str = "") -> bytes:
+        """The bytes of a committed object, checked against the marker's sha256. Raises StoreError if the
+        piece is not committed with ``fp`` or the object differs from what was committed (a concurrent writer
+        died between its data and its marker): rerun the producing stage."""
+        m = self.committed(piece, fp, verify=False)
+        if m is None or name not in m.objects:
+            raise StoreError(f"{self.uri}/{_join(piece, name)} is not committed; run the stage that produces it")
+        data = self.read_bytes(_join(piece, name))
+        if sha256_bytes(data) != m.objects[name]["sha256"]:
+            raise StoreError(
+                f"{self.uri}/{_join(piece, name)} does not match its commit marker (an interrupted concurrent "
+                "writer?); rerun the stage that produces it with --recompute"
+            )
+        return data
 
     def uncommit(self, piece: str) -> None:
         """Remove a piece: marker first, so no reader trusts a half-deleted piece."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..classifiers import Classifier, create_classifier
 from ..errors import AlignfakeError
+from ..faults import crash_point
 from ..records import Completion, Label
 from ..spec import ModelSpec
 from ..store import read_jsonl, to_jsonl
@@ -68,8 +69,9 @@ def run_classify(ctx: Context, model: ModelSpec, index: int = 0, count: int = 1)
     try:
         with ctx.progress(f"classify {model.name}", len(todo)) as advance:
             for s in todo:
-                rows = read_jsonl(ctx.store.read_bytes(completions_key(model.name, s)))
+                rows = read_jsonl(ctx.store.read_committed(completions_key(model.name, s), ctx.sample_fp(model, s)))
                 labels = label_completions([Completion.model_validate(r) for r in rows], classifiers)
+                crash_point("classify.shard")
                 ctx.store.commit(
                     labels_key(model.name, s),
                     ctx.classify_fp(model, s),

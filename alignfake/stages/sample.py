@@ -18,6 +18,7 @@ from typing import Any
 
 from ..engines import Engine, Request, Response, create_engine
 from ..errors import AlignfakeError
+from ..faults import crash_point
 from ..records import Completion, completion_id
 from ..scenarios import build_messages, parse_answer
 from ..spec import ModelSpec
@@ -170,6 +171,7 @@ def run_sample(ctx: Context, model: ModelSpec, index: int = 0, count: int = 1) -
         with ctx.progress(f"sample   {model.name}", total) as advance:
             for s in todo:
                 records = run_shard(ctx, model, s, engine, advance)
+                crash_point("sample.batch")
                 ctx.store.commit(
                     completions_key(model.name, s),
                     ctx.sample_fp(model, s),
