@@ -16,12 +16,6 @@ import click
 
 from .errors import AlignfakeError, SpecError
 
-EMBEDDED_NOTE = (
-    "Note: the embedded tiny model has random-initialised weights trained for seconds on our own text; "
-    "its numbers mean nothing. The machinery is real."
-)
-
-
 def _fail(e: AlignfakeError) -> None:
     if isinstance(e, SpecError):
         for p in e.problems:
@@ -58,10 +52,10 @@ def _load(file: str, overrides: tuple[str, ...]) -> Any:
     return load_experiment(file, list(overrides))
 
 
-def _uses_embedded(exp: Any) -> bool:
-    from .spec import EMBEDDED_MODEL
+def _note(exp: Any) -> str | None:
+    from .stages.reduce import embedded_note
 
-    return any(m.base == EMBEDDED_MODEL for m in exp.spec.models)
+    return embedded_note(exp)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -105,7 +99,7 @@ def run(file: str, overrides: tuple[str, ...], recompute: bool, no_progress: boo
         stages=stages or ("finetune", "sample", "classify", "reduce"),
     )
     if summary is not None:
-        _print_summary(summary, output, note=EMBEDDED_NOTE if _uses_embedded(exp) else None,
+        _print_summary(summary, output, note=_note(exp),
                        where=f"{exp.spec.storage.uri.rstrip('/')}/{exp.name}/results")
 
 
@@ -182,7 +176,7 @@ def reduce(file: str | None, overrides: tuple[str, ...], labels: str | None, out
 
     exp = _load(file, overrides)
     summary = run_reduce(Context(exp, store_for(exp), recompute=recompute))
-    _print_summary(summary, output, note=EMBEDDED_NOTE if _uses_embedded(exp) else None,
+    _print_summary(summary, output, note=_note(exp),
                    where=f"{exp.spec.storage.uri.rstrip('/')}/{exp.name}/results")
 
 

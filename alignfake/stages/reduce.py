@@ -818,6 +818,7 @@ def run_reduce(ctx: Context) -> pd.DataFrame:
     import tempfile
 
     from ..errors import AlignfakeError
+    from ..faults import crash_point
     from ..store import read_jsonl
     from .common import RESULT_FILES, RESULTS_KEY, labels_key
 
@@ -849,6 +850,7 @@ def run_reduce(ctx: Context) -> pd.DataFrame:
         _labels_parquet(df, out / "labels.parquet")
         files["labels.parquet"] = out / "labels.parquet"
         assert set(files) == set(RESULT_FILES), "write_results and common.RESULT_FILES disagree"
+        crash_point("reduce.write")
         store.commit(
             RESULTS_KEY,
             fp,
