@@ -186,9 +186,13 @@ class Store(ABC):
             raise StoreError(f"{self.uri}/{_join(piece, name)} is not committed; run the stage that produces it")
         data = self.read_bytes(_join(piece, name))
         if sha256_bytes(data) != m.objects[name]["sha256"]:
+            # A second writer of the piece replaced the object and died before its own marker. The marker no
+            # longer describes the data, so the piece is not committed: remove the marker (only the marker)
+            # and let a rerun produce the piece again.
+            self.delete(piece + MARKER_SUFFIX)
             raise StoreError(
-                f"{self.uri}/{_join(piece, name)} does not match its commit marker (an interrupted concurrent "
-                "writer?); rerun the stage that produces it with --recompute"
+                f"{self.uri}/{_join(piece, name)} did not match its commit marker (a concurrent writer was "
+                "interrupted); the piece is now uncommitted: rerun to produce it again"
             )
         return data
 
