@@ -309,53 +309,241 @@ class JudgesSpec(_Strict):
 
 
 # ----------------------------------------------------------------------------------------------- kubernetes
+# Every string of this section lands in a Kubernetes manifest, so each one is checked against the syntax the
+# API server accepts: a bad value fails here, with its field path, not at `kubectl apply` time.
+
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+# Kubernetes resource.Quantity, non-negative: 500m, 2, 1.5, 64Gi, 1e3.
+_QUANTITY = re.compile(r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+# An OCI image reference: [registry[:port]/]path[:tag][@sha256:digest] (the distribution/reference grammar).
+_IMAGE = re.compile(
+    r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
+)
+
+
+def _dns_label(v: str) -> str:
+    if len(v) > 63 or not _DNS_LABEL.match(v):
+        raise ValueError(f"{v!r} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63 characters)")
+    return v
+
+
+def _dns_subdomain(v: str) -> str:
+    if len(v) > 253 or not _DNS_SUBDOMAIN.match(v):
+        raise ValueError(f"{v!r} is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', at most 253 "
+                         "characters)")
+    return v
+
+
+def _label_key(v: str) -> str:
+    prefix, _, name = v.rpartition("/")
+    if (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix))) or len(name) > 63 \
+            or not _LABEL_NAME.match(name):
+        raise ValueError(f"{v!r} is not a label key ([prefix/]name: name of at most 63 letters, digits, '-', '_', "
+                         "'.'; prefix a DNS subdomain)")
+    return v
+
+
+def _label_value(v: str) -> str:
+    if len(v) > 63 or not _LABEL_VALUE.match(v):
+        raise ValueError(f"{v!r} is not a label value (at most 63 letters, digits, '-', '_', '.')")
+    return v
+
+
+def _quantity(v: str) -> str:
+    if not _QUANTITY.match(v):
+        raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 500m, 4, 64Gi)")
+    return v
 
 
 class Toleration(_Strict):
+    """A pod toleration, as in the Kubernetes pod spec (e.g. for tainted GPU node pools)."""
+
     key: str | None = None
+    """Taint key to tolerate (e.g. ``nvidia.com/gpu``); empty with ``Exists`` tolerates every taint."""
     operator: Literal["Exists", "Equal"] = "Equal"
+    """``Equal`` matches the taint's value; ``Exists`` matches any value."""
     value: str | None = None
+    """Taint value (only with ``Equal``)."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; empty tolerates every effect."""
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        return None if v is None else _label_key(v)
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, v: str | None) -> str | None:
+        return None if v is None else _label_value(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("operator Exists takes no value")
+        if self.operator == "Equal" and not self.key:
+            raise ValueError("operator Equal needs a key (use Exists without a key to tolerate every taint)")
+        return self
 
 
 class StageResources(_Strict):
+    """Pod resources and placement for one stage (``finetune``, ``sample``, ``classify``, ``reduce``); applies to
+    the Jobs of every model of that stage."""
+
     gpus: int | None = Field(None, ge=0)
-    """``nvidia.com/gpu`` per pod; defaults from the model's finetune/inference sections."""
+    """``nvidia.com/gpu`` per pod. When unset: ``finetune`` takes ``models[].finetune.gpus``; ``sample`` takes
+    ``models[].inference.gpus`` for vllm and transformers models (0 for API providers); ``classify`` and
+    ``reduce`` take 0. When set, it overrides the value of every model."""
     cpu: str | None = None
+    """CPU request (a quantity, e.g. ``8`` or ``500m``). Default: 8 per GPU, else 2 (``finetune``: 4,
+    ``reduce``: 1). No CPU limit is set, so pods are not throttled."""
     memory: str | None = None
+    """Memory request and limit (e.g. ``64Gi``). Default: 64Gi per GPU, else 8Gi (``finetune``: 16Gi,
+    ``reduce``: 4Gi). The memory-backed ``/dev/shm`` counts against it."""
     node_selector: dict[str, str] = {}
+    """Node labels the pods must match, e.g. ``nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3``."""
     tolerations: list[Toleration] = []
+    """Taints the pods tolerate (GPU node pools are usually tainted)."""
     active_deadline_seconds: int | None = Field(None, ge=60)
+    """Wall-clock limit of the Job once admitted (time spent suspended in a Kueue queue does not count).
+    Default: ``finetune`` 3 days, ``sample`` and ``classify`` 1 day, ``reduce`` 1 hour."""
     backoff_limit: int = Field(3, ge=0)
+    """Retries of a failed pod (per index for the Indexed sampling Job). Preempted pods (``DisruptionTarget``)
+    and configuration errors (exit codes 2 and 3) do not count: the first is retried for free, the second
+    fails the Job at once."""
     shm_size: str | None = None
-    """Size of the memory-backed /dev/shm (NCCL and dataloaders need it on multi-GPU pods)."""
+    """Size of the memory-backed /dev/shm (NCCL and dataloaders need it on multi-GPU pods). Default: 16Gi for
+    pods with GPUs, none otherwise."""
+
+    @field_validator("cpu", "memory", "shm_size")
+    @classmethod
+    def _quantities(cls, v: str | None) -> str | None:
+        return None if v is None else _quantity(v)
+
+    @field_validator("node_selector")
+    @classmethod
+    def _selector(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            _label_key(key)
+            _label_value(value)
+        return v
+
+
+def _pinned_image(v: str) -> str:
+    m = _IMAGE.match(v)
+    if not m:
+        raise ValueError(f"{v!r} is not an image reference (registry/path:tag or registry/path@sha256:digest)")
+    if not m.group("digest") and m.group("tag") in (None, "latest"):
+        raise ValueError(f"{v!r} is not pinned: give a version tag or an @sha256 digest (not 'latest'), so that "
+                         "every pod of an experiment runs the same code")
+    return v
 
 
 class Images(_Strict):
+    """Container images of the stages, each pinned by tag or digest. Build them from ``images/``."""
+
     trainer: str = "ghcr.io/alignfake/trainer:0.1.0"
+    """Axolotl, torch, transformers, peft: runs ``finetune`` and ``sample`` for the transformers provider."""
     vllm: str = "ghcr.io/alignfake/vllm:0.1.0"
+    """vLLM: runs ``sample`` for the vllm provider (tensor parallel over the pod's GPUs), and ``classify`` when a
+    judge uses vllm."""
     core: str = "ghcr.io/alignfake/core:0.1.0"
+    """Slim Python, non-root: ``sample`` for API providers (openai, anthropic, mock), ``classify``, ``reduce``
+    and the operator."""
+
+    @field_validator("trainer", "vllm", "core")
+    @classmethod
+    def _pinned(cls, v: str) -> str:
+        return _pinned_image(v)
 
 
 class SecretRef(_Strict):
+    """A key of a Kubernetes Secret in the experiment's namespace."""
+
     name: str
+    """Name of the Secret."""
     key: str
+    """Key within the Secret."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _dns_subdomain(v)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        if len(v) > 253 or not _SECRET_KEY.match(v):
+            raise ValueError(f"{v!r} is not a Secret key (letters, digits, '-', '_', '.')")
+        return v
 
 
 class KubernetesSpec(_Strict):
+    """How ``alignfake render`` and ``alignfake submit`` turn the experiment into Kubernetes Jobs."""
+
     namespace: str = "default"
+    """Namespace of the Jobs and the ConfigMap holding the spec."""
     images: Images = Images()
     queue: str | None = None
     """Kueue LocalQueue; Jobs are created suspended and admitted by Kueue."""
     priority_class: str | None = None
+    """PriorityClass of the pods (Kueue also orders admission by it)."""
     service_account: str | None = None
     """Service account for the pods (IRSA / workload identity for the store)."""
+    image_pull_secrets: list[str] = []
+    """Secrets (of type ``kubernetes.io/dockerconfigjson``) for pulling the images from a private registry."""
     sample_shards: int = Field(1, ge=1, le=1000)
     """Pods of the Indexed sampling Job; each takes every N-th completion shard."""
     secrets: dict[str, SecretRef] = {}
-    """Environment variables filled from secrets, e.g. ``AWS_ACCESS_KEY_ID``, ``HF_TOKEN``, ``OPENAI_API_KEY``."""
+    """Environment variables filled from secrets, e.g. ``AWS_ACCESS_KEY_ID``, ``HF_TOKEN``, ``OPENAI_API_KEY``.
+    Every stage's pods get all of them; the values never appear in a manifest, only ``secretKeyRef``."""
+    volume_claim: str | None = None
+    """PersistentVolumeClaim mounted as the pods' working directory (``/data``). Needed when ``spec.storage`` is
+    a local path, so that the stages' pods see each other's output (ReadWriteMany when several pods run at
+    once); not needed for ``s3://`` stores."""
+    hf_cache_claim: str | None = None
+    """PersistentVolumeClaim mounted as the Hugging Face cache (``HF_HOME``), so model weights are downloaded
+    once rather than by every pod into its ephemeral storage (ReadWriteMany)."""
     ttl_seconds_after_finished: int = Field(86400, ge=0)
+    """Finished Jobs (and their pods and logs) are deleted this long after they end; outputs stay in the store."""
     stages: dict[Literal["finetune", "sample", "classify", "reduce"], StageResources] = {}
+    """Resources, placement and limits per stage; stages not listed get the defaults."""
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return _dns_label(v)
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str | None) -> str | None:
+        # a LocalQueue name is a DNS subdomain, and it goes into a label value (at most 63 characters)
+        return None if v is None else _label_value(_dns_subdomain(v))
+
+    @field_validator("priority_class", "service_account", "volume_claim", "hf_cache_claim")
+    @classmethod
+    def _object_name(cls, v: str | None) -> str | None:
+        return None if v is None else _dns_subdomain(v)
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, v: list[str]) -> list[str]:
+        return [_dns_subdomain(s) for s in v]
+
+    @field_validator("secrets")
+    @classmethod
+    def _env_names(cls, v: dict[str, SecretRef]) -> dict[str, SecretRef]:
+        for name in v:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not an environment variable name (letters, digits, '_')")
+        return v
 
 
 # ----------------------------------------------------------------------------------------------- top level
