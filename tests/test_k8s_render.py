@@ -573,6 +573,12 @@ def test_render_imports_neither_torch_nor_the_kubernetes_client(tmp_path: Path) 
     assert (tmp_path / "kustomization.yaml").exists()
 
 
+def test_the_commands_module_can_be_imported_by_the_cli_without_a_cycle() -> None:
+    code = ("import sys, alignfake.k8s.commands as c; assert 'alignfake.cli' not in sys.modules; "
+            "assert [x.name for x in c.COMMANDS] == ['render', 'submit', 'logs', 'cancel']")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 # ---------------------------------------------------------------------------------------------- images
 
 
