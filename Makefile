@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 EXTRAS ?= local,api,kubernetes,operator,dev
 
-.PHONY: install demo test test-fast lint bench images clean
+.PHONY: install demo test test-fast lint bench images crd clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ lint: install
 bench: install
 	$(BIN)/python bench/prefix.py --queries 50
 	$(BIN)/python bench/store.py --size-mb 200
+
+IMAGE_REPO ?= ghcr.io/alignfake
+IMAGE_TAG ?= 0.1.0
+images:
+	@command -v docker >/dev/null 2>&1 || { echo "make images: no docker engine here; skipped"; exit 0; }
+	for img in core trainer vllm; do \
+	  docker buildx build -f images/$$img/Dockerfile -t $(IMAGE_REPO)/$$img:$(IMAGE_TAG) . || exit 1; done
+
+crd: install
+	$(BIN)/python -m alignfake.k8s.crd operator/crd.yaml
 
 clean:
 	rm -rf $(VENV) runs

@@ -4,52 +4,18 @@ torch or transformers."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .errors import AlignfakeError, SpecError
-
-def _fail(e: AlignfakeError) -> None:
-    if isinstance(e, SpecError):
-        for p in e.problems:
-            click.echo(f"{e.source}: {p}", err=True)
-    else:
-        click.echo(f"error: {e}", err=True)
-    sys.exit(e.exit_code)
-
-
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except AlignfakeError as e:
-            _fail(e)
-
-    return wrapper
-
-
-set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
-    help="Override a spec field, e.g. --set spec.evaluation.queries.limit=10 (repeatable; value is YAML).",
-)
-output_option = click.option(
-    "--output", "-o", "output", type=click.Choice(["table", "json"]), default="table", show_default=True,
-    help="Output format (json for scripts).",
-)
-
-
-def _load(file: str, overrides: tuple[str, ...]) -> Any:
-    from .spec import load_experiment
-
-    return load_experiment(file, list(overrides))
+from .cliutil import fail as _fail
+from .cliutil import handle_errors, output_option, set_option
+from .cliutil import load as _load
+from .errors import SpecError
 
 
 def _note(exp: Any) -> str | None:
@@ -123,25 +89,53 @@ def _print_summary(summary: Any, output: str, note: str | None, where: str | Non
 @click.argument("file", type=click.Path(dir_okay=False))
 @set_option
 @output_option
+@click.option("--jobs/--no-jobs", "show_jobs", default=None,
+              help="Also show the experiment's Kubernetes Jobs (default: when a kubeconfig or in-cluster config "
+                   "exists).")
+@click.option("--context", "kube_context", metavar="NAME", help="kubeconfig context for --jobs.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), metavar="FILE", help="kubeconfig file for --jobs.")
 @handle_errors
-def status(file: str, overrides: tuple[str, ...], output: str) -> None:
-    """Show, per stage and model, what is committed, pending and stale."""
+def status(file: str, overrides: tuple[str, ...], output: str, show_jobs: bool | None, kube_context: str | None,
+           kubeconfig: str | None) -> None:
+    """Show, per stage and model, what is committed, pending and stale in the store, and the Jobs' state."""
     from .executors.local import experiment_status
     from .stages.common import Context
     from .store import store_for
 
     exp = _load(file, overrides)
     rows = experiment_status(Context(exp, store_for(exp)))
+    if show_jobs is None:
+        show_jobs = bool(kubeconfig or os.environ.get("KUBECONFIG") or os.environ.get("KUBERNETES_SERVICE_HOST")
+                         or (Path.home() / ".kube" / "config").is_file())
+    jobs: list[dict[str, Any]] | None = None
+    jobs_error = None
+    if show_jobs:
+        from .errors import AlignfakeError
+        from .k8s.commands import job_status
+
+        try:
+            jobs = job_status(exp, kube_context=kube_context, kubeconfig=kubeconfig)
+        except AlignfakeError as e:  # the store is still worth showing when the cluster is not reachable
+            jobs_error = str(e)
     if output == "json":
-        click.echo(json.dumps([{**r.__dict__, "state": r.state} for r in rows], indent=2))
+        doc: dict[str, Any] = {"store": [{**r.__dict__, "state": r.state} for r in rows]}
+        if show_jobs:
+            doc["jobs"] = jobs if jobs is not None else {"error": jobs_error}
+        click.echo(json.dumps(doc, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("stage", "model", "committed", "pending", "stale", "state")
+    t = Table("stage", "model", "committed", "pending", "stale", "state", title=f"store: {exp.name}")
     for r in rows:
         t.add_row(r.stage, r.model or "-", str(r.committed), str(r.pending), str(r.stale), r.state)
     Console().print(t)
+    if jobs is not None:
+        from .k8s.commands import print_job_status
+
+        print_job_status(jobs)
+    elif jobs_error:
+        click.echo(f"jobs: {jobs_error}", err=True)
 
 
 @cli.command()
@@ -228,6 +222,16 @@ def stage(name: str, file: str, overrides: tuple[str, ...], model_name: str | No
         for m in models:
             n = run_classify(ctx, m, index, shard_count)
             click.echo(f"classify {m.name}: committed {n} shard(s) as worker {index}/{shard_count}", err=True)
+
+
+def _register() -> None:
+    from .k8s.commands import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_register()
 
 
 def main() -> None:

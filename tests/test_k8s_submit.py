@@ -606,3 +606,23 @@ def test_real_cluster_accepts_the_rendered_jobs_by_server_side_dry_run(tmp_path:
               "Job": cluster.batch.patch_namespaced_job}[obj["kind"]]
         cluster._call("dry-run", fn, meta["name"], meta["namespace"], obj, field_manager=kx.FIELD_MANAGER,
                       force=True, dry_run="All", _content_type=kx.APPLY_PATCH)
+
+
+def test_status_command_shows_store_and_jobs(server: KubeServer, tmp_path: Path) -> None:
+    from alignfake.cli import cli as main_cli
+
+    data = experiment_data(tmp_path, models=("alpha",))
+    spec = write_spec(tmp_path, data)
+    with JobRunner(server, exit_codes={"classify": 1}):
+        assert cli(server, commands.submit, str(spec), "--wait", "--poll", "0.05", "--timeout", "120").exit_code == 1
+    res = CliRunner().invoke(main_cli, ["status", str(spec), "--kubeconfig", str(server.kubeconfig), "-o", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert {(r["stage"], r["state"]) for r in doc["store"]} >= {("sample", "done"), ("classify", "pending")}
+    assert {j["job"]: j["state"] for j in doc["jobs"]}["kube-test-classify-alpha"] == "failed"
+    # an unreachable cluster still shows the store, with the reason
+    res = CliRunner().invoke(main_cli, ["status", str(spec), "--kubeconfig", str(server.kubeconfig),
+                                        "--context", "nowhere", "-o", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["store"] and "error" in doc["jobs"]

@@ -7,38 +7,15 @@ function, print. ``render`` never imports the kubernetes client; none of them im
 
 from __future__ import annotations
 
-import functools
 import json
 import shlex
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-# This module does not import alignfake.cli at import time, so that cli.py may import it anywhere (top or
-# bottom) to register the commands without an import cycle. The two options are the same as cli.py's.
-set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
-    help="Override a spec field, e.g. --set spec.kubernetes.namespace=team-a (repeatable; value is YAML).",
-)
-output_option = click.option(
-    "--output", "-o", "output", type=click.Choice(["table", "json"]), default="table", show_default=True,
-    help="Output format (json for scripts).",
-)
-
-
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """alignfake.cli.handle_errors, looked up when the command runs: one line per error, non-zero exit."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ..cli import handle_errors as cli_handle_errors
-
-        return cli_handle_errors(fn)(*args, **kwargs)
-
-    return wrapper
-
+from ..cliutil import handle_errors, output_option, set_option
+from ..cliutil import load as _load
 
 STAGE_CHOICE = click.Choice(["finetune", "sample", "classify", "reduce"])
 
@@ -46,12 +23,6 @@ context_option = click.option("--context", "kube_context", metavar="NAME",
                               help="kubeconfig context to use (default: the current context).")
 kubeconfig_option = click.option("--kubeconfig", type=click.Path(dir_okay=False), metavar="FILE",
                                  help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).")
-
-
-def _load(file: str, overrides: tuple[str, ...]) -> Any:
-    from ..spec import load_experiment
-
-    return load_experiment(file, list(overrides))
 
 
 def _cluster(kube_context: str | None, kubeconfig: str | None) -> Any:
