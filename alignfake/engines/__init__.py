@@ -55,3 +55,17 @@ def _transformers(**options: Any) -> Engine:
     from .hf import TransformersEngine
 
     return TransformersEngine(**options)
+
+
+@register_engine("openai", requires=("openai",), extra="api")
+def _openai(**options: Any) -> Engine:
+    from .openai_compat import OpenAIEngine
+
+    return OpenAIEngine(**options)
+
+
+@register_engine("anthropic", requires=("anthropic",), extra="api")
+def _anthropic(**options: Any) -> Engine:
+    from .anthropic_engine import AnthropicEngine
+
+    return AnthropicEngine(**options)
