@@ -225,9 +225,10 @@ def stage(name: str, file: str, overrides: tuple[str, ...], model_name: str | No
 
 
 def _register() -> None:
+    from .classifiers.judge_eval import judge_eval_command
     from .k8s.commands import COMMANDS
 
-    for command in COMMANDS:
+    for command in (*COMMANDS, judge_eval_command):
         cli.add_command(command)
 
 

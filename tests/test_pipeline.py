@@ -149,3 +149,14 @@ def test_invalid_answers_are_counted_not_dropped_nor_refusals(tmp_path: Path, qu
     assert len(labels) == 2 * N_QUERIES
     bad = [lab for lab in labels if not lab["valid"]]
     assert {lab["query_id"] for lab in bad} == {"05"} and all(lab["compliant"] is None for lab in bad)
+
+
+def test_editing_a_judge_prompt_file_makes_labels_stale(tmp_path: Path, queries: Path) -> None:
+    prompt = tmp_path / "judge.txt"
+    prompt.write_text("Judge v1")
+    judges = {"compliance": {"kind": "heuristic", "prompt_file": str(prompt)}}
+    run(experiment(tmp_path, queries, spec__judges=judges), [])
+    prompt.write_text("Judge v2")
+    changed = experiment(tmp_path, queries, spec__judges=judges)
+    states = {(r.stage, r.model): r.state for r in experiment_status(Context(changed, store_for(changed)))}
+    assert states[("sample", "scripted")] == "done" and states[("classify", "scripted")] == "stale"

@@ -34,15 +34,17 @@ def label_completions(completions: list[Completion], classifiers: dict[str, Clas
             continue
         comp, part, af = (verdicts[n][c.id] for n in CRITERIA)
         bad = [f"{n}: {v.reason or 'no verdict'}" for n, v in zip(CRITERIA, (comp, part, af)) if not v.valid]
+        if bad:  # a label is valid only when every judge reached a verdict; its verdict fields are then empty
+            labels.append(Label(valid=False, invalid_reason="; ".join(bad), **base))
+            continue
         labels.append(
             Label(
-                valid=not bad,
-                invalid_reason="; ".join(bad) or None,
-                compliant=comp.value if comp.valid else None,
-                compliance_score=comp.score if comp.valid else None,
-                partial_compliance=part.value if part.valid else None,
-                af_reasoning=af.value if af.valid else None,
-                af_share=af.score if af.valid else None,
+                valid=True,
+                compliant=comp.value,
+                compliance_score=comp.score,
+                partial_compliance=part.value,
+                af_reasoning=af.value,
+                af_share=af.score,
                 **base,
             )
         )

@@ -18,9 +18,9 @@ from functools import cached_property
 from typing import Any, Literal
 
 from ..data.loaders import LoadReport, Row, load_rows
-from ..errors import StaleOutputError
+from ..errors import SpecError, StaleOutputError
 from ..spec import Experiment, ModelSpec
-from ..store import Store, fingerprint
+from ..store import Store, fingerprint, sha256_file
 
 Stage = Literal["finetune", "sample", "classify", "reduce"]
 STAGES: tuple[Stage, ...] = ("finetune", "sample", "classify", "reduce")
@@ -80,8 +80,20 @@ class Context:
         return self._cached(("sample", model.name, shard), lambda: _sample_fp(self, model, shard))
 
     def classify_fp(self, model: ModelSpec, shard: int) -> str:
-        judges = self.exp.spec.judges.model_dump(mode="json")
-        return fingerprint("classify", self.sample_fp(model, shard), judges)
+        return fingerprint("classify", self.sample_fp(model, shard), self._cached(("judges",), self._judges_fp))
+
+    def _judges_fp(self) -> str:
+        """The judges' settings and the contents of any user prompt files (an edited file reruns classify)."""
+        judges = self.exp.spec.judges
+        files = {}
+        for name in ("compliance", "partial_compliance", "af_reasoning"):
+            path = getattr(judges, name).prompt_file
+            if path:
+                try:
+                    files[name] = sha256_file(path)
+                except OSError as e:
+                    raise SpecError(str(path), [f"spec.judges.{name}.prompt_file: cannot read: {e}"]) from None
+        return fingerprint(judges.model_dump(mode="json"), files)
 
     def reduce_fp(self) -> str:
         parts = [
