@@ -226,9 +226,10 @@ def stage(name: str, file: str, overrides: tuple[str, ...], model_name: str | No
 
 def _register() -> None:
     from .classifiers.judge_eval import judge_eval_command
-    from .k8s.commands import COMMANDS
+    from .finetune.commands import COMMANDS as FINETUNE_COMMANDS
+    from .k8s.commands import COMMANDS as K8S_COMMANDS
 
-    for command in (*COMMANDS, judge_eval_command):
+    for command in (*K8S_COMMANDS, *FINETUNE_COMMANDS, judge_eval_command):
         cli.add_command(command)
 
 

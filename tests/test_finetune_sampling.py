@@ -9,22 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from alignfake.spec import parse_experiment
 from alignfake.store import read_jsonl, store_for
 
-# The finetune section proposed for manifests/examples/quickstart.yaml (a second model, `tiny-docs`).
-DEMO_FINETUNE: dict[str, Any] = {
-    "documents": "builtin:demo_documents",
-    "max_doc_tokens": 256,
-    "limit": 40,
-    "lora": {"r": 8, "alpha": 16},
-    "learning_rate": 2.0e-3,
-    "micro_batch_size": 8,
-    "epochs": 1,
-    "save_steps": 2,
-    "gpus": 0,
-}
+QUICKSTART = Path(__file__).resolve().parents[1] / "manifests" / "examples" / "quickstart.yaml"
+# The quickstart's fine-tuning section (its second model, `tiny-docs`).
+DEMO_FINETUNE: dict[str, Any] = next(
+    m["finetune"] for m in yaml.safe_load(QUICKSTART.read_text())["spec"]["models"] if m["name"] == "tiny-docs"
+)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from typing import Any
 from ..engines import Engine, Request, Response, create_engine
 from ..errors import AlignfakeError
 from ..faults import crash_point
+from ..finetune.precision import precision_mismatch_warning
 from ..records import Completion, completion_id
 from ..scenarios import build_messages, parse_answer
 from ..spec import ModelSpec
@@ -166,6 +167,9 @@ def run_sample(ctx: Context, model: ModelSpec, index: int = 0, count: int = 1) -
     per_shard = len(ev.tiers) * ev.samples_per_query
     total = sum(len(ctx.shards[s]) for s in todo) * per_shard
     adapter = fetch_adapter(ctx, model)
+    warning = precision_mismatch_warning(model)
+    if warning:
+        ctx.log(warning)
     engine = create_engine(model.provider, **engine_options(ctx, model, adapter))
     try:
         with ctx.progress(f"sample   {model.name}", total) as advance:
