@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -q "torch==2.13.0"
 	$(PIP) -q -e ".[$(EXTRAS)]"
+	# Axolotl, only to validate generated configs on CPU (--no-deps: its GPU stack is not needed for that)
+	$(PIP) -q --no-deps axolotl==0.19.0
+	$(PIP) -q pillow addict
 	touch $@
 
 install: $(VENV)/.installed
