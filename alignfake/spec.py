@@ -190,9 +190,8 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _precision(self) -> ModelSpec:
-        trained = self.training_precision
-        served = self.inference.precision
-        if trained and served and served not in ("auto", trained) and not self.inference.allow_precision_mismatch:
+        if self.precision_mismatch and not self.inference.allow_precision_mismatch:
+            trained, served = self.training_precision, self.inference.precision
             raise ValueError(
                 f"inference.precision is {served} but the adapter is trained on a {trained} base; serving at a "
                 "different precision changes the model. Set inference.allow_precision_mismatch: true to do it "
@@ -204,13 +203,27 @@ class ModelSpec(_Strict):
 
     @property
     def training_precision(self) -> str | None:
+        """Precision of the base model the adapter is trained on: nf4 for QLoRA, else bf16 on GPUs and fp32
+        on CPU (what the trainers load)."""
         if self.finetune is None:
             return None
-        return "nf4" if self.finetune.quantization == "nf4" else "bf16"
+        if self.finetune.quantization == "nf4":
+            return "nf4"
+        return "bf16" if self.finetune.gpus > 0 else "fp32"
 
     @property
     def serving_precision(self) -> str:
         return self.inference.precision or self.training_precision or "auto"
+
+    @property
+    def precision_mismatch(self) -> bool:
+        """Serving a quantised base (nf4, fp8) other than the one trained on, or a full-precision base under an
+        adapter trained on a quantised one. Full precisions (fp32, bf16, fp16, auto) count as one family."""
+        trained, served = self.training_precision, self.inference.precision
+        if trained is None or served is None:
+            return False
+        quantised = {"nf4", "fp8"}
+        return served != trained and (served in quantised or trained in quantised)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

@@ -149,16 +149,18 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     return final
 
 
-def tiny_model_hash(corpus: list[tuple[str, str]] | None = None) -> str:
+def tiny_model_hash(corpus: list[tuple[str, str]] | None = None, *, library_versions: bool = True) -> str:
     """Hex digest over the recipe (this module's source and settings), library versions, the corpus and the
-    scenario texts the training examples are made of."""
+    scenario texts the training examples are made of. Without ``library_versions`` (for stage fingerprints,
+    which every container image must compute alike, with or without torch) only what alignfake ships counts."""
     from importlib.metadata import version
 
     corpus = read_corpus() if corpus is None else corpus
     h = hashlib.sha256()
     h.update(Path(__file__).read_bytes())
     h.update(repr(RECIPE).encode())
-    h.update("|".join(version(p) for p in ("torch", "transformers", "tokenizers")).encode())
+    if library_versions:
+        h.update("|".join(version(p) for p in ("torch", "transformers", "tokenizers")).encode())
     for name, text in corpus:
         h.update(b"\0" + name.encode() + b"\0" + text.encode())
     prompts, user_turn = _scenario_texts()

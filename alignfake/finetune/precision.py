@@ -9,9 +9,8 @@ from ..spec import ModelSpec
 
 
 def precision_mismatch_warning(model: ModelSpec) -> str | None:
-    trained = model.training_precision
-    served = model.inference.precision
-    if trained is None or served in (None, "auto", trained):
+    if not model.precision_mismatch:
         return None
+    trained, served = model.training_precision, model.inference.precision
     return (f"warning: model {model.name}: the adapter is trained on a {trained} base but served on a {served} "
             "base (inference.allow_precision_mismatch); the served model differs from the trained one")

@@ -14,12 +14,12 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, Literal
 
 from ..data.loaders import LoadReport, Row, load_rows
 from ..errors import SpecError, StaleOutputError
-from ..spec import Experiment, ModelSpec
+from ..spec import EMBEDDED_MODEL, Experiment, ModelSpec
 from ..store import Store, fingerprint, sha256_file
 
 Stage = Literal["finetune", "sample", "classify", "reduce"]
@@ -121,10 +121,21 @@ class Context:
             return False
 
 
+@lru_cache(maxsize=None)
+def base_identity(base: str) -> str:
+    """What identifies a base model in fingerprints: the name, and for the embedded model its recipe too (a
+    rebuilt tiny model is another model)."""
+    if base == EMBEDDED_MODEL:
+        from ..tinymodel import tiny_model_hash
+
+        return f"{base}@{tiny_model_hash(library_versions=False)[:16]}"
+    return base
+
+
 def _finetune_fp(ctx: Context, model: ModelSpec) -> str:
     docs, _ = ctx.documents(model)
     ft = model.finetune.model_dump(mode="json", exclude={"gpus", "trainer", "save_steps"})  # type: ignore[union-attr]
-    return fingerprint("finetune", model.base, ft, [(d.id, d.text) for d in docs])
+    return fingerprint("finetune", base_identity(model.base), ft, [(d.id, d.text) for d in docs])
 
 
 def _sample_fp(ctx: Context, model: ModelSpec, shard: int) -> str:
@@ -133,7 +144,7 @@ def _sample_fp(ctx: Context, model: ModelSpec, shard: int) -> str:
     ev = ctx.exp.spec.evaluation
     settings = ev.model_dump(mode="json", exclude={"queries", "scenario", "shard_size"})
     serving = {
-        "base": model.base,
+        "base": base_identity(model.base),
         "provider": model.provider,
         "precision": model.serving_precision,
         "prefill": model.inference.prefill,
