@@ -69,3 +69,10 @@ def _anthropic(**options: Any) -> Engine:
     from .anthropic_engine import AnthropicEngine
 
     return AnthropicEngine(**options)
+
+
+@register_engine("vllm", requires=("vllm",), extra="vllm")
+def _vllm(**options: Any) -> Engine:
+    from .vllm import VLLMEngine
+
+    return VLLMEngine(**options)
