@@ -25,7 +25,7 @@ nf4       ``quantization="bitsandbytes"``      for vLLM versions that still ship
                                                ``allow_precision_mismatch``, or use the transformers engine
 ========  ===================================  ==============================================================
 
-On CPU (``gpus=0``) the engine reserves an explicit KV cache (``kv_cache_gb``, default 1 GiB; the environment
+On CPU (vLLM's detected platform) the engine reserves an explicit KV cache (``kv_cache_gb``, default 1 GiB; the environment
 variable ``VLLM_CPU_KVCACHE_SPACE`` overrides it) because vLLM's CPU backend otherwise reserves
 ``gpu_memory_utilization`` of the machine's memory and refuses to start on a shared host; and it runs eagerly
 (no torch.compile) because compiling costs more than it saves for one shard.
@@ -140,7 +140,7 @@ class VLLMEngine(Engine):
     applied to every request that names no adapter of its own (``Request.adapter``). ``enable_lora``: load the
     LoRA machinery even without a default adapter, so requests can each name one (or none: the base model);
     defaults to whether ``adapter`` is set. ``max_lora_rank``: defaults to the rank of ``adapter``.
-    ``gpus``: tensor-parallel size (0 means CPU). ``batch_size`` is accepted for the shared
+    ``gpus``: tensor-parallel size (0 and 1 both mean one device). ``batch_size`` is accepted for the shared
     engine options and not used: vLLM schedules the whole shard itself; ``max_num_seqs`` caps the sequences
     decoded together. ``llm_kwargs``: further ``vllm.LLM`` arguments, applied last.
     """
@@ -171,8 +171,13 @@ class VLLMEngine(Engine):
     ):
         try:
             from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError as e:  # the registry checked the package exists; this is a broken install
             raise EngineError(f"vllm is installed but cannot be imported: {e}") from e
+
+        # The platform vLLM detected, not ``gpus``, decides the CPU defaults: gpus=0 on a GPU host still runs
+        # on one GPU and must keep CUDA graphs and the memory-fraction KV cache.
+        self._cpu = bool(current_platform.is_cpu())
 
         self.model = resolve_model_path(model)
         self.adapter = adapter
@@ -193,10 +198,10 @@ class VLLMEngine(Engine):
             "seed": seed,
             "enable_prefix_caching": enable_prefix_caching,
             # CUDA graphs pay off on GPUs; on CPU compilation takes longer than the shard.
-            "enforce_eager": (gpus == 0) if enforce_eager is None else enforce_eager,
+            "enforce_eager": self._cpu if enforce_eager is None else enforce_eager,
             **precision_args(precision),
         }
-        if gpus == 0:
+        if self._cpu:
             kwargs["kv_cache_memory_bytes"] = int((kv_cache_gb if kv_cache_gb is not None else 1.0) * 2**30)
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
@@ -213,9 +218,6 @@ class VLLMEngine(Engine):
         except Exception as e:  # vLLM raises plain ValueError/RuntimeError for bad configs and missing models
             raise EngineError(f"vllm: cannot start {self.model} ({_describe(kwargs)}): {e}") from e
         self.tokenizer = self._llm.get_tokenizer()
-        from vllm.platforms import current_platform
-
-        self._cpu = bool(current_platform.is_cpu())
 
     # ------------------------------------------------------------------------------------------- generation
 
