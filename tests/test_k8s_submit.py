@@ -1,11 +1,12 @@
 """submit, status, logs and cancel against a Kubernetes API served by kmock on loopback, through the official
 kubernetes client over real HTTP.
 
-kmock stores objects but runs no controllers, so ``JobRunner`` plays the job controller, the kubelet and Kueue:
-it picks up each Job the CLI applies, runs its pods as the real ``alignfake stage`` command (args taken from the
-Job, the spec file from the ConfigMap, ``JOB_COMPLETION_INDEX`` set per index), and writes the Job's status
-(``Complete``, or ``Failed`` by the Job's own ``podFailurePolicy``). Suspended Jobs stay suspended until the test
-lets "Kueue" admit them. The stages commit to a local store in a temporary directory, which submit reads.
+kmock stores objects but runs no controllers, so ``JobRunner`` (tests/kube_fakes.py) plays the job controller,
+the kubelet and Kueue: it picks up each Job the CLI applies, runs its pods as the real ``alignfake stage`` command
+(args taken from the Job, the spec file from the ConfigMap, ``JOB_COMPLETION_INDEX`` set per index), and writes
+the Job's status (``Complete``, or ``Failed`` by the Job's own ``podFailurePolicy``). Suspended Jobs stay suspended
+until the test lets "Kueue" admit them. The stages commit to a local store in a temporary directory, which submit
+reads.
 
 Real-cluster tests are opt-in: ``ALIGNFAKE_CLUSTER_TESTS=1`` with a kubeconfig whose current context may be
 written to (``@pytest.mark.cluster``).
@@ -13,13 +14,10 @@ written to (``@pytest.mark.cluster``).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,217 +29,22 @@ from click.testing import CliRunner
 kmock = pytest.importorskip("kmock")
 pytest.importorskip("kubernetes")
 
-from kmock._internal import enums as kmock_enums  # noqa: E402  (action names of kmock requests)
+from kube_fakes import (  # noqa: E402  (the API server and the job controller, shared with test_operator.py)
+    NAMESPACE,
+    JobRunner,
+    KubeServer,
+    experiment_data,
+    jobs_in,
+    store_state,
+    write_spec,
+)
 
-from alignfake.errors import AlignfakeError, StaleOutputError  # noqa: E402
+from alignfake.errors import StaleOutputError  # noqa: E402
 from alignfake.executors import kubernetes as kx  # noqa: E402
 from alignfake.k8s import commands, render  # noqa: E402
 from alignfake.spec import parse_experiment  # noqa: E402
 
-NAMESPACE = "lab"
 TESTS = Path(__file__).resolve().parent
-
-
-# ---------------------------------------------------------------------------------------------- the API server
-
-
-class ApplyingEmulator(kmock.KubernetesEmulator):
-    """kmock's emulator creates objects on POST only. A real API server also creates an absent object on a
-    server-side apply (PATCH with ``application/apply-patch+yaml``); this adds that, and nothing else."""
-
-    async def _handle(self, request: Any) -> Any:
-        content_type = (request.headers or {}).get("Content-Type", "")
-        if (request.action == kmock_enums.action.UPDATE and content_type.startswith("application/apply-patch")
-                and request.subresource is None and isinstance(request.data, dict)):
-            key = (request.resource, request.namespace, request.name)
-            async with self._lock:
-                if key not in self.objects:
-                    self.objects[key] = request.data
-                elif self.objects[key].deleted:
-                    self.objects[key].create(request.data)
-        return await super()._handle(request)
-
-
-class KubeServer:
-    """kmock on 127.0.0.1 in its own event-loop thread, with a kubeconfig file pointing at it."""
-
-    RESOURCES = {
-        "v1/namespaces": dict(kind="Namespace", namespaced=False),
-        "v1/configmaps": dict(kind="ConfigMap", namespaced=True),
-        "v1/pods": dict(kind="Pod", namespaced=True, subresources={"log"}),
-        "batch/v1/jobs": dict(kind="Job", namespaced=True, subresources={"status"}),
-    }
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> KubeServer:
-        self.thread.start()
-        self.handler, self.server = self.call(self._start())
-        self.url = str(self.server.url).rstrip("/")
-        self.kubeconfig = self.workdir / "kubeconfig"
-        self.kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": self.url}},
-                         {"name": "nowhere", "cluster": {"server": "http://127.0.0.1:9"}}],
-            "users": [{"name": "tester", "user": {"token": "not-a-secret"}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester"}},
-                         {"name": "nowhere", "context": {"cluster": "nowhere", "user": "tester"}}],
-        }))
-        return self
-
-    async def _start(self) -> tuple[Any, Any]:
-        handler = ApplyingEmulator()
-        for res, info in self.RESOURCES.items():
-            handler.resources[res] = kmock.ResourceInfo(**info)
-        await handler.__aenter__()
-        server = kmock.Server(handler)
-        await server.__aenter__()
-        return handler, server
-
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    def __exit__(self, *exc: Any) -> None:
-        async def stop() -> None:
-            await self.server.__aexit__(None, None, None)
-            await self.handler.__aexit__(None, None, None)
-
-        self.call(stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-
-    def cluster(self, **kw: Any) -> kx.Cluster:
-        return kx.connect(kubeconfig=str(self.kubeconfig), **kw)
-
-    def requests(self, method: str | None = None) -> list[Any]:
-        return [r for r in list(self.handler) if method is None or str(r.method.value) == method]
-
-
-def jobs_in(cluster: kx.Cluster, namespace: str = NAMESPACE) -> dict[str, dict[str, Any]]:
-    items = cluster._call("list", cluster.batch.list_namespaced_job, namespace)["items"]
-    return {j["metadata"]["name"]: j for j in items}
-
-
-# ---------------------------------------------------------------------------------------------- the "cluster"
-
-
-class JobRunner:
-    """Job controller + kubelet + Kueue for the tests, driving the kmock API over HTTP like the real ones.
-
-    ``exit_codes`` maps a stage to the exit code its containers end with instead of running (a pod that rejects
-    its configuration, a crash). Suspended Jobs are admitted (``spec.suspend: false``) only once ``admit`` is set.
-    ``started`` records the Jobs in the order their pods ran.
-    """
-
-    def __init__(self, server: KubeServer, exit_codes: dict[str, int] | None = None, admit: bool = True):
-        self.cluster = server.cluster()
-        self.exit_codes = exit_codes or {}
-        self.admit = threading.Event()
-        if admit:
-            self.admit.set()
-        self.started: list[str] = []
-        self.errors: list[BaseException] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._tmp = tempfile.TemporaryDirectory()
-
-    def __enter__(self) -> JobRunner:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-        self._tmp.cleanup()
-        assert not self.errors, self.errors
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                for name, job in sorted(jobs_in(self.cluster).items()):
-                    if (job.get("status") or {}).get("conditions"):
-                        continue  # finished
-                    if job["spec"].get("suspend"):
-                        if self.admit.is_set():
-                            self._patch(name, {"spec": {"suspend": False}})
-                        continue
-                    self._run(name, job)
-            except BaseException as e:  # surfaced by __exit__
-                self.errors.append(e)
-                return
-            self._stop.wait(0.02)
-
-    def _patch(self, name: str, body: dict[str, Any]) -> None:
-        self.cluster._call("patch", self.cluster.batch.patch_namespaced_job, name, NAMESPACE, body)
-
-    def _status(self, name: str, status: dict[str, Any]) -> None:
-        self.cluster._call("status", self.cluster.batch.patch_namespaced_job_status, name, NAMESPACE,
-                           {"status": status})
-
-    def _run(self, name: str, job: dict[str, Any]) -> None:
-        self.started.append(name)
-        spec = job["spec"]
-        n = spec.get("completions", 1)
-        self._status(name, {"active": n})
-        container = spec["template"]["spec"]["containers"][0]
-        stage = container["name"]
-        codes = [self._pod(container, index, spec.get("completionMode") == "Indexed") for index in range(n)]
-        failed = [c for c in codes if c != 0]
-        if not failed:
-            self._status(name, {"active": 0, "succeeded": n, "conditions": [
-                {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]})
-            return
-        # The Job's own podFailurePolicy decides, as the job controller does.
-        reason, message = "BackoffLimitExceeded", "Job has reached the specified backoff limit"
-        for i, rule in enumerate(spec["podFailurePolicy"]["rules"]):
-            on = rule.get("onExitCodes")
-            if rule["action"] == "FailJob" and on and on.get("containerName") in (None, stage) \
-                    and failed[0] in on["values"]:
-                reason = "PodFailurePolicy"
-                message = (f"Container {stage} for pod {NAMESPACE}/{name}-0-x failed with exit code {failed[0]} "
-                           f"matching FailJob rule at index {i}")
-                break
-        self._status(name, {"active": 0, "failed": len(failed), "succeeded": n - len(failed), "conditions": [
-            {"type": "FailureTarget", "status": "True", "reason": reason, "message": message},
-            {"type": "Failed", "status": "True", "reason": reason, "message": message}]})
-
-    def _pod(self, container: dict[str, Any], index: int, indexed: bool) -> int:
-        if container["name"] in self.exit_codes:
-            return self.exit_codes[container["name"]]
-        from alignfake.cli import cli
-
-        # The ConfigMap's spec at the path the Job mounts it.
-        cm_name = next(v["configMap"]["name"] for v in self._volumes(container) if "configMap" in v)
-        cm = self.cluster._call("cm", self.cluster.core.read_namespaced_config_map, cm_name, NAMESPACE)
-        spec_file = Path(self._tmp.name) / "experiment.yaml"
-        spec_file.write_text(cm["data"][render.SPEC_FILE])
-        args = [str(spec_file) if a == render.SPEC_PATH else a for a in container["args"]]
-        assert container["command"] == ["alignfake"]
-        old = os.environ.get("JOB_COMPLETION_INDEX")
-        if indexed:
-            os.environ["JOB_COMPLETION_INDEX"] = str(index)
-        try:
-            cli.main(args, prog_name="alignfake", standalone_mode=False)
-            return 0
-        except SystemExit as e:
-            return int(e.code or 0)
-        except AlignfakeError as e:
-            return e.exit_code
-        finally:
-            if old is None:
-                os.environ.pop("JOB_COMPLETION_INDEX", None)
-            else:
-                os.environ["JOB_COMPLETION_INDEX"] = old
-
-    def _volumes(self, container: dict[str, Any]) -> list[dict[str, Any]]:
-        job = jobs_in(self.cluster)
-        for j in job.values():
-            if j["spec"]["template"]["spec"]["containers"][0]["name"] == container["name"]:
-                return j["spec"]["template"]["spec"]["volumes"]
-        raise AssertionError("job vanished")
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -253,38 +56,8 @@ def server(tmp_path: Path) -> Iterator[KubeServer]:
         yield s
 
 
-def experiment_data(tmp_path: Path, *, models: tuple[str, ...] = ("alpha", "beta"), queue: str | None = None,
-                    **k8s: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "alignfake.dev/v1alpha1", "kind": "Experiment", "metadata": {"name": "kube-test"},
-        "spec": {
-            "storage": str(tmp_path / "store"),
-            "models": [{"name": m, "base": "mock:hash", "provider": "mock"} for m in models],
-            "evaluation": {"queries": {"source": "builtin:demo_queries", "limit": 10}, "shard_size": 5},
-            "judges": {"af_reasoning": {"votes": 1}},
-            "kubernetes": {"namespace": NAMESPACE, "volume_claim": "shared-runs", "sample_shards": 2,
-                           **({"queue": queue} if queue else {}), **k8s},
-        },
-    }
-
-
-def write_spec(tmp_path: Path, data: dict[str, Any]) -> Path:
-    path = tmp_path / "experiment.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def cli(server: KubeServer, command: Any, *args: str) -> Any:
     return CliRunner().invoke(command, [*args, "--kubeconfig", str(server.kubeconfig)], catch_exceptions=False)
-
-
-def store_state(data: dict[str, Any]) -> dict[tuple[str, str | None], str]:
-    from alignfake.executors.local import experiment_status
-    from alignfake.stages.common import Context
-    from alignfake.store import store_for
-
-    exp = parse_experiment(data)
-    return {(r.stage, r.model): r.state for r in experiment_status(Context(exp, store_for(exp)))}
 
 
 def run_stage_locally(spec: Path, *args: str) -> None:
@@ -571,7 +344,7 @@ def test_submit_never_imports_torch(tmp_path: Path) -> None:
 import json, sys
 from pathlib import Path
 sys.path.insert(0, {str(TESTS)!r})
-from test_k8s_submit import KubeServer
+from kube_fakes import KubeServer
 from alignfake.k8s import commands
 with KubeServer(Path({str(tmp_path)!r})) as server:
     try:

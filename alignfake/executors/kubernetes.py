@@ -6,6 +6,9 @@ stage's Jobs with server-side apply (field manager ``alignfake``), and with ``wa
 finish, then goes on with the next stage. Kueue's admission shows as a suspended Job: reported as queued,
 never as a failure. A failed Job stops the submission with its reason and the command that shows its logs.
 
+The operator (``alignfake/operator.py``) drives the same functions from the cluster: ``first_unfinished``,
+``apply_stage``, ``job_state`` and the messages below are shared, so both front doors behave alike.
+
 Cluster access works like kubectl's: ``--kubeconfig`` / ``--context``, else ``$KUBECONFIG`` or
 ``~/.kube/config``, else the in-cluster service account. The official ``kubernetes`` client is imported
 here only, lazily, by the commands that talk to a cluster.
@@ -118,6 +121,30 @@ class Cluster:
         False if it did not exist."""
         out = self._call(f"delete Job {namespace}/{name}", self.batch.delete_namespaced_job, name, namespace,
                          propagation_policy="Background", missing_ok=True)
+        return out is not None
+
+    def get_custom(self, api_version: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A custom resource as the API server has it now; None if it does not exist."""
+        from kubernetes import client
+
+        group, version = api_version.split("/")
+        return self._call(f"get {plural}.{group} {namespace}/{name}",
+                          client.CustomObjectsApi(self.api_client).get_namespaced_custom_object,
+                          group, version, namespace, plural, name, missing_ok=True)
+
+    def patch_status(self, api_version: str, plural: str, namespace: str, name: str,
+                     status: dict[str, Any]) -> bool:
+        """JSON merge patch of a custom resource's ``status`` subresource (keys set to None are removed). False if
+        the object is gone."""
+        from kubernetes import client
+
+        group, version = api_version.split("/")
+        out = self._call(
+            f"update the status of {plural}.{group} {namespace}/{name}",
+            client.CustomObjectsApi(self.api_client).patch_namespaced_custom_object_status,
+            group, version, namespace, plural, name, {"status": status},
+            _content_type="application/merge-patch+json", missing_ok=True,
+        )
         return out is not None
 
     def wait_job_gone(self, namespace: str, name: str, timeout_s: float = 60.0, poll_s: float = 0.5) -> None:
@@ -289,14 +316,19 @@ def unfinished(ctx: Any) -> tuple[str | None, list[str | None]]:
     inputs: the pods would refuse to run over it anyway."""
     from .local import experiment_status
 
-    rows = experiment_status(ctx)
+    return first_unfinished(experiment_status(ctx), ctx.store.uri)
+
+
+def first_unfinished(rows: list[Any], store_uri: str) -> tuple[str | None, list[str | None]]:
+    """``unfinished`` on rows of ``executors.local.experiment_status`` already read from the store at
+    ``store_uri``."""
     stale = [r for r in rows if r.stale]
     if stale:
         what = ", ".join(r.stage + (f"/{r.model}" if r.model else "") for r in stale)
         raise StaleOutputError(
-            f"the spec changed since these outputs were committed in {ctx.store.uri}: {what}. submit never "
-            "replaces committed output: delete those outputs from the store (`alignfake status FILE` lists "
-            "them), or give the experiment a new metadata.name."
+            f"the spec changed since these outputs were committed in {store_uri}: {what}. alignfake never "
+            "replaces committed output on Kubernetes: delete those outputs from the store (`alignfake status "
+            "FILE` lists them), or give the experiment a new metadata.name."
         )
     for stage in STAGES:
         pending = [r.model for r in rows if r.stage == stage and r.pending]
@@ -338,6 +370,15 @@ def ensure_job(cluster: Cluster, job: StageJob, log: Log) -> bool:
     return True
 
 
+def apply_stage(cluster: Cluster, manifests: Manifests, stage: str, models: list[str | None],
+                log: Log) -> tuple[list[StageJob], list[str]]:
+    """Ensure the Jobs of ``stage`` for ``models`` (see ``ensure_job``): the stage's Jobs, and the names of
+    those created."""
+    jobs = manifests.stage_jobs(stage, models)
+    log(f"stage {stage}: {len(jobs)} Job(s) for " + ", ".join(j.model or stage for j in jobs))
+    return jobs, [j.name for j in jobs if ensure_job(cluster, j, log)]
+
+
 def wait_for_jobs(
     cluster: Cluster,
     jobs: list[StageJob],
@@ -363,10 +404,7 @@ def wait_for_jobs(
         for j in jobs:
             st = states[j.name]
             if st.state == "failed":
-                raise JobFailedError(
-                    f"{j.label}: Job {j.namespace}/{j.name} failed ({st.reason})"
-                    + (f": {st.message}" if st.message else "") + _exit_code_hint(st) + logs_hint(j)
-                )
+                raise JobFailedError(job_failure_message(j, st) + logs_hint(j))
             if st.state == "absent":
                 raise ClusterError(f"{j.label}: Job {j.namespace}/{j.name} disappeared (cancelled?)")
         if progress is not None:
@@ -382,6 +420,31 @@ def wait_for_jobs(
             raise ClusterError(f"gave up waiting after {timeout_s:.0f}s for {waiting}; the Jobs keep running "
                                "(see `alignfake status FILE`, `alignfake submit FILE --wait` to resume watching)")
         time.sleep(poll_s)
+
+
+def job_failure_message(job: StageJob, st: JobState) -> str:
+    """Why a stage's Job failed, with what its exit code means."""
+    return (f"{job.label}: Job {job.namespace}/{job.name} failed ({st.reason})"
+            + (f": {st.message}" if st.message else "") + _exit_code_hint(st))
+
+
+def missing_output_message(store_uri: str, stage: str, models: list[str | None]) -> str:
+    """A stage's Jobs all succeeded, yet the store lacks their output: applying them again would loop forever."""
+    return (f"the {stage} Jobs succeeded but {store_uri} still lacks their output for "
+            f"{', '.join(m or stage for m in models)}: do the pods write to the same store (credentials, "
+            "endpoint, volume claim)? See `alignfake logs`.")
+
+
+def local_store_problem(exp: Experiment, store: Any) -> str | None:
+    """Why the experiment's store cannot work for pods, or None: a local path is every pod's own ephemeral
+    filesystem unless a shared volume is mounted."""
+    from ..store import LocalStore
+
+    if isinstance(store, LocalStore) and not exp.spec.kubernetes.volume_claim:
+        return (f"spec.storage is the local path {exp.spec.storage.uri!r}: every pod would write into its own "
+                "ephemeral filesystem and no stage would see the previous one's output. Use an s3:// store, or set "
+                "spec.kubernetes.volume_claim to a ReadWriteMany PersistentVolumeClaim")
+    return None
 
 
 def _exit_code_hint(st: JobState) -> str:
@@ -409,12 +472,9 @@ def submit(
 
     manifests = render_experiment(exp, source)
     store = store_for(exp)
-    if isinstance(store, LocalStore) and not exp.spec.kubernetes.volume_claim:
-        raise ClusterError(
-            f"spec.storage is the local path {exp.spec.storage.uri!r}: every pod would write into its own "
-            "ephemeral filesystem and no stage would see the previous one's output. Use an s3:// store, or set "
-            "spec.kubernetes.volume_claim to a ReadWriteMany PersistentVolumeClaim"
-        )
+    problem = local_store_problem(exp, store)
+    if problem:
+        raise ClusterError(problem)
     store.check()
     if isinstance(store, LocalStore):
         log(f"note: the store is the local path {store.uri}; submit reads it here to find finished stages, "
@@ -435,22 +495,14 @@ def submit(
             log("every stage is committed")
             return SubmitResult(exp.name, manifests.namespace, "done", None, applied, [])
         if stage in done_stages:
-            # Its Jobs succeeded, yet the store still lacks output: retrying would loop forever.
-            raise ClusterError(
-                f"the {stage} Jobs succeeded but {store.uri} still lacks their output for "
-                f"{', '.join(m or stage for m in models)}: do the pods write to the same store (credentials, "
-                "endpoint, volume claim)? See `alignfake logs`."
-            )
-        jobs = manifests.stage_jobs(stage, models)
-        log(f"stage {stage}: {len(jobs)} Job(s) for " + ", ".join(j.model or stage for j in jobs))
-        for j in jobs:
-            if ensure_job(cluster, j, log):
-                applied.append(j.name)
+            raise ClusterError(missing_output_message(store.uri, stage, models))
+        jobs, created = apply_stage(cluster, manifests, stage, models, log)
+        applied += created
         if not wait:
             states = {j.name: job_state(cluster.get_job(j.namespace, j.name)) for j in jobs}
             state = "queued" if any(s.state == "queued" for s in states.values()) else "submitted"
             return SubmitResult(exp.name, manifests.namespace, state, stage, applied,
-                                [_job_row(j, states[j.name]) for j in jobs])
+                                [job_row(j, states[j.name]) for j in jobs])
         wait_for_jobs(
             cluster, jobs, log, poll_s=poll_s, timeout_s=timeout_s,
             progress=(lambda s=stage, ms=models: _progress(ctx, s, ms)) if stage != "reduce" else None,
@@ -464,7 +516,7 @@ def submit(
 # ------------------------------------------------------------------------------------------------ status, cancel, logs
 
 
-def _job_row(job: StageJob, st: JobState) -> dict[str, Any]:
+def job_row(job: StageJob, st: JobState) -> dict[str, Any]:
     return {"stage": job.stage, "model": job.model, "job": job.name, "namespace": job.namespace,
             "state": st.state, "active": st.active, "succeeded": st.succeeded, "failed": st.failed,
             "completions": st.completions, "reason": st.reason, "message": st.message}
@@ -474,16 +526,20 @@ def job_status(exp: Experiment, cluster: Cluster, manifests: Manifests | None = 
     """One row per Job the experiment renders to: stage, model, job, namespace, state (see JobState),
     pod counts, and the reason and message of a failure."""
     manifests = manifests or render_experiment(exp)
-    return [_job_row(j, job_state(cluster.get_job(j.namespace, j.name))) for j in manifests.jobs]
+    return [job_row(j, job_state(cluster.get_job(j.namespace, j.name))) for j in manifests.jobs]
 
 
 def cancel(exp: Experiment, cluster: Cluster) -> list[str]:
     """Delete every Job of the experiment (found by its label, so Jobs of earlier versions of the spec too);
     the pods go with them (propagation: background). The store and the ConfigMap are kept. Returns the names
     of the deleted Jobs."""
-    namespace = exp.spec.kubernetes.namespace
+    return delete_jobs(cluster, exp.spec.kubernetes.namespace, exp.name)
+
+
+def delete_jobs(cluster: Cluster, namespace: str, experiment: str) -> list[str]:
+    """``cancel`` by name: also for an experiment whose spec no longer parses (the operator, on deletion)."""
     deleted = []
-    for job in cluster.list_jobs(namespace, {LABEL_EXPERIMENT: exp.name}):
+    for job in cluster.list_jobs(namespace, {LABEL_EXPERIMENT: experiment}):
         name = job["metadata"]["name"]
         if cluster.delete_job(namespace, name):
             deleted.append(name)

@@ -153,6 +153,13 @@ def crd_manifest() -> dict[str, Any]:
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},
+                # `kubectl get experiments` shows what the operator writes to the status (alignfake/operator.py).
+                "additionalPrinterColumns": [
+                    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                    {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
+                ],
                 "schema": {"openAPIV3Schema": openapi_schema(Experiment)},
             }],
         },
