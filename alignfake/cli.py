@@ -228,8 +228,9 @@ def _register() -> None:
     from .classifiers.judge_eval import judge_eval_command
     from .finetune.commands import COMMANDS as FINETUNE_COMMANDS
     from .k8s.commands import COMMANDS as K8S_COMMANDS
+    from .operator_cli import operator
 
-    for command in (*K8S_COMMANDS, *FINETUNE_COMMANDS, judge_eval_command):
+    for command in (*K8S_COMMANDS, *FINETUNE_COMMANDS, judge_eval_command, operator):
         cli.add_command(command)
 
 

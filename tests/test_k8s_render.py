@@ -549,7 +549,10 @@ def test_render_command_writes_a_directory_and_removes_only_its_own_stale_files(
                                                   "spec.kubernetes.namespace=team-a"])
     assert stream.exit_code == 0
     objs = list(yaml.safe_load_all(stream.stdout))
-    assert [o["kind"] for o in objs] == ["ConfigMap", "Job", "Job", "Job"]
+    # the spec, then finetune (tiny-docs), sample and classify per model (tiny, tiny-docs), and reduce
+    assert [o["kind"] for o in objs] == ["ConfigMap"] + ["Job"] * 6
+    assert sorted(o["metadata"]["labels"]["alignfake.dev/stage"] for o in objs[1:]) == [
+        "classify", "classify", "finetune", "reduce", "sample", "sample"]
     assert {o["metadata"]["namespace"] for o in objs} == {"team-a"}
 
 
