@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import crash  # tests/crash.py
+import pytest
 
 SPEC = Path(__file__).parent / "specs" / "crash-mock.yaml"
 

@@ -10,9 +10,8 @@ else with this interpreter when Axolotl is importable. `make install` puts a min
 
 from __future__ import annotations
 
-import importlib.util
-
 import copy
+import importlib.util
 import json
 import os
 import subprocess

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from crash import snapshot  # tests/crash.py
 from s3server import RcloneS3Server
 

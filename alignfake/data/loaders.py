@@ -103,6 +103,16 @@ def _row_id(raw: object, index: int) -> str:
     return str(raw) if raw not in (None, "") else f"{index:05d}"
 
 
+def _add_row(rows: list[Row], ids: set[str], raw_id: object, index: int, text: str, where: str, strict: bool,
+             report: LoadReport) -> None:
+    rid = _row_id(raw_id, index)
+    if rid in ids:
+        _fail(strict, report, f"{where}: duplicate id {rid!r}")
+        return
+    ids.add(rid)
+    rows.append(Row(rid, text))
+
+
 def _load_file(path: Path, column: str, strict: bool, report: LoadReport, label: str) -> list[Row]:
     try:
         data = path.read_bytes()
@@ -144,14 +154,8 @@ def _load_jsonl(data: bytes, label: str, column: str, strict: bool, report: Load
             _fail(strict, report, f"{where}: expected a JSON object, got {type(obj).__name__}")
             continue
         value = _check_text(obj.get(column), where, column, strict, report)
-        if value is None:
-            continue
-        rid = _row_id(obj.get("id"), len(rows) + report.malformed)
-        if rid in ids:
-            _fail(strict, report, f"{where}: duplicate id {rid!r}")
-            continue
-        ids.add(rid)
-        rows.append(Row(rid, value))
+        if value is not None:
+            _add_row(rows, ids, obj.get("id"), len(rows) + report.malformed, value, where, strict, report)
     return rows
 
 
@@ -187,14 +191,9 @@ def _load_csv(data: bytes, label: str, column: str, strict: bool, report: LoadRe
             _fail(strict, report, f"{where}: expected {len(header)} fields, got {len(rec)}")
             continue
         value = _check_text(rec[col], where, column, strict, report)
-        if value is None:
-            continue
-        rid = _row_id(rec[id_col] if id_col is not None else None, len(rows) + report.malformed)
-        if rid in ids:
-            _fail(strict, report, f"{where}: duplicate id {rid!r}")
-            continue
-        ids.add(rid)
-        rows.append(Row(rid, value))
+        if value is not None:
+            raw_id = rec[id_col] if id_col is not None else None
+            _add_row(rows, ids, raw_id, len(rows) + report.malformed, value, where, strict, report)
     return rows
 
 
@@ -215,10 +214,12 @@ def _load_parquet(data: bytes, label: str, column: str, strict: bool, report: Lo
 
 def _rows_from_values(values, ids, label, column, strict, report) -> list[Row]:  # type: ignore[no-untyped-def]
     rows: list[Row] = []
-    for i, (value, raw_id) in enumerate(zip(values, ids)):
-        text = _check_text(value, f"{label}, row {i}", column, strict, report)
+    seen: set[str] = set()
+    for i, (value, raw_id) in enumerate(zip(values, ids, strict=True)):
+        where = f"{label}, row {i}"
+        text = _check_text(value, where, column, strict, report)
         if text is not None:
-            rows.append(Row(_row_id(raw_id, i), text))
+            _add_row(rows, seen, raw_id, i, text, where, strict, report)
     return rows
 
 

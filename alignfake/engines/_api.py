@@ -71,6 +71,13 @@ def sample_seed(seed: int | None, k: int) -> int | None:
     return None if seed is None else (seed + k) % 2**31
 
 
+def error_text(e: Any) -> str:
+    """The server's error body (or the SDK's message), short enough for a log line."""
+    body = getattr(e, "body", None)
+    text = str(body) if body else str(getattr(e, "message", e))
+    return text[:500]
+
+
 def classify_status(status: int, headers: Mapping[str, str] | None, message: str, *, provider: str,
                     prefill: bool) -> Exception:
     """The outcome an HTTP error status stands for."""

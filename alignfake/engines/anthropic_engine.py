@@ -25,7 +25,15 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import EngineError
-from ._api import IGNORED_OPTIONS, ApiEngine, CallResult, FinishReason, RequestRejected, classify_status
+from ._api import (
+    IGNORED_OPTIONS,
+    ApiEngine,
+    CallResult,
+    FinishReason,
+    RequestRejected,
+    classify_status,
+    error_text,
+)
 from ._keys import read_api_key
 from ._retry import TransientError
 from .base import Request
@@ -130,7 +138,7 @@ class AnthropicEngine(ApiEngine):
             message = self._client.messages.create(**build_call(request, model=self.model))
         except anthropic.APIStatusError as e:
             # prefill=False: the API supports prefill, so a 400 here is about this request, not the feature.
-            raise classify_status(e.status_code, dict(e.response.headers), _message(e), provider="anthropic",
+            raise classify_status(e.status_code, dict(e.response.headers), error_text(e), provider="anthropic",
                                   prefill=False) from None
         except anthropic.APIConnectionError as e:  # includes timeouts and dropped connections
             raise TransientError(f"connection error: {type(e).__name__}: {e}") from None
@@ -141,12 +149,6 @@ class AnthropicEngine(ApiEngine):
     def close(self) -> None:
         super().close()
         self._client.close()
-
-
-def _message(e: Any) -> str:
-    body = getattr(e, "body", None)
-    text = str(body) if body else str(getattr(e, "message", e))
-    return text[:500]
 
 
 __all__ = ["AnthropicEngine", "build_call", "parse_message"]

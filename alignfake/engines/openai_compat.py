@@ -40,7 +40,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from ..errors import EngineError
-from ._api import IGNORED_OPTIONS, ApiEngine, CallResult, FinishReason, RequestRejected, classify_status
+from ._api import (
+    IGNORED_OPTIONS,
+    ApiEngine,
+    CallResult,
+    FinishReason,
+    RequestRejected,
+    classify_status,
+    error_text,
+)
 from ._keys import read_api_key
 from ._retry import TransientError
 from .base import Request
@@ -175,7 +183,7 @@ class OpenAIEngine(ApiEngine):
         try:
             completion = self._client.chat.completions.create(**kwargs)
         except openai.APIStatusError as e:
-            raise classify_status(e.status_code, dict(e.response.headers), _message(e), provider="openai",
+            raise classify_status(e.status_code, dict(e.response.headers), error_text(e), provider="openai",
                                   prefill=bool(request.prefill)) from None
         except openai.APIConnectionError as e:  # includes timeouts and dropped connections
             raise TransientError(f"connection error: {type(e).__name__}: {e}") from None
@@ -186,12 +194,6 @@ class OpenAIEngine(ApiEngine):
     def close(self) -> None:
         super().close()
         self._client.close()
-
-
-def _message(e: Any) -> str:
-    body = getattr(e, "body", None)
-    text = str(body) if body else str(getattr(e, "message", e))
-    return text[:500]
 
 
 __all__ = ["OpenAIEngine", "build_call", "parse_completion"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import StaleOutputError
 from ..spec import Experiment
-from ..stages.common import Context, completions_key, labels_key, adapter_key, RESULTS_KEY
+from ..stages.common import RESULTS_KEY, Context, adapter_key, completions_key, labels_key
 from ..store import Store, store_for
 
 

@@ -24,7 +24,7 @@ def make_classifiers(ctx: Context) -> dict[str, Classifier]:
 
 def label_completions(completions: list[Completion], classifiers: dict[str, Classifier]) -> list[Label]:
     valid = [c for c in completions if c.valid]
-    verdicts = {name: dict(zip((c.id for c in valid), clf.classify(valid))) for name, clf in classifiers.items()}
+    verdicts = {name: dict(zip([c.id for c in valid], clf.classify(valid), strict=True)) for name, clf in classifiers.items()}
     tags = {name: clf.tag for name, clf in classifiers.items()}
     labels = []
     for c in completions:
@@ -33,7 +33,7 @@ def label_completions(completions: list[Completion], classifiers: dict[str, Clas
             labels.append(Label(valid=False, invalid_reason=c.invalid_reason or "invalid answer", **base))
             continue
         comp, part, af = (verdicts[n][c.id] for n in CRITERIA)
-        bad = [f"{n}: {v.reason or 'no verdict'}" for n, v in zip(CRITERIA, (comp, part, af)) if not v.valid]
+        bad = [f"{n}: {v.reason or 'no verdict'}" for n, v in zip(CRITERIA, (comp, part, af), strict=True) if not v.valid]
         if bad:  # a label is valid only when every judge reached a verdict; its verdict fields are then empty
             labels.append(Label(valid=False, invalid_reason="; ".join(bad), **base))
             continue

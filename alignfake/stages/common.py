@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cache, cached_property
 from typing import Any, Literal
 
 from ..data.loaders import LoadReport, Row, load_rows
@@ -121,7 +121,7 @@ class Context:
             return False
 
 
-@lru_cache(maxsize=None)
+@cache
 def base_identity(base: str) -> str:
     """What identifies a base model in fingerprints: the name, and for the embedded model its recipe too (a
     rebuilt tiny model is another model)."""

@@ -96,7 +96,7 @@ def generate_with_retries(
     for attempt in range(retries + 1):
         responses = engine.generate([current[i] for i in todo])
         retry = []
-        for i, resp in zip(todo, responses):
+        for i, resp in zip(todo, responses, strict=True):
             parsed = parse_answer(resp.text, resp.finish_reason, scratchpad, prefill)
             results[i] = (resp, parsed, attempt + 1)
             if parsed.valid or attempt == retries:
@@ -130,7 +130,7 @@ def run_shard(ctx: Context, model: ModelSpec, shard: int, engine: Engine, advanc
         advance=advance,
     )
     records = []
-    for (req, info), (resp, parsed, attempts) in zip(pairs, results):
+    for (req, info), (resp, parsed, attempts) in zip(pairs, results, strict=True):
         records.append(
             Completion(
                 id=req.id,
