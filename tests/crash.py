@@ -39,13 +39,14 @@ SHORT = [
 FINETUNE = [("finetune.step", 1), ("finetune.step", 3), ("store.marker", 1)]
 
 
-def alignfake(spec: Path, store: str, fault: str | None, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def alignfake(spec: Path, store: str, fault: str | None, env: dict[str, str],
+              overrides: list[str] = ()) -> subprocess.CompletedProcess[str]:
     e = {**os.environ, **env}
     e.pop("ALIGNFAKE_FAULT", None)
     if fault:
         e["ALIGNFAKE_FAULT"] = fault
     cmd = [sys.executable, "-m", "alignfake.cli", "run", str(spec), "--no-progress", "-o", "json",
-           "--set", f"spec.storage={store}"]
+           "--set", f"spec.storage={store}", *(x for o in overrides for x in ("--set", o))]
     return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
 
 
@@ -71,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec", type=Path)
     ap.add_argument("--store", default=None, help="base store URI (default: a temp dir)")
-    ap.add_argument("--points", choices=["short", "all"], default="short")
+    ap.add_argument("--points", choices=["short", "all", "finetune"], default="short",
+                    help="short: ten points over sample, classify and reduce (+ finetune ones if the spec fine-tunes); "
+                         "all: more; finetune: only the fine-tuning ones")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="spec override for every run")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the runs")
     args = ap.parse_args(argv)
     env = dict(kv.split("=", 1) for kv in args.env)
@@ -84,12 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     name = yaml.safe_load(args.spec.read_text())["metadata"]["name"]
     has_finetune = any("finetune" in m for m in yaml.safe_load(args.spec.read_text())["spec"]["models"])
     points = SHORT + (FINETUNE if has_finetune else [])
+    if args.points == "finetune":
+        if not has_finetune:
+            ap.error("--points finetune needs a spec with a finetune section")
+        points = FINETUNE
     if args.points == "all":
         points += [("store.write", n) for n in (2, 4, 6, 8)] + [("sample.batch", n) for n in (1, 3)]
 
     t0 = time.time()
     base_store = fresh_store(args.store, 0)
-    res = alignfake(args.spec, base_store, None, env)
+    res = alignfake(args.spec, base_store, None, env, args.overrides)
     if res.returncode != 0:
         print(f"baseline run failed:\n{res.stderr}", file=sys.stderr)
         return 2
@@ -100,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     for i, (point, n) in enumerate(points, start=1):
         store = fresh_store(args.store, i)
         fault = f"{point}:{n}"
-        killed = alignfake(args.spec, store, fault, env)
+        killed = alignfake(args.spec, store, fault, env, args.overrides)
         was_killed = killed.returncode == -signal.SIGKILL
         reruns = 0
         while True:
             reruns += 1
-            done = alignfake(args.spec, store, None, env)
+            done = alignfake(args.spec, store, None, env, args.overrides)
             if done.returncode == 0 or reruns == 3:
                 break
         ok = done.returncode == 0 and snapshot(store, name) == expected
