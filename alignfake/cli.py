@@ -77,7 +77,8 @@ def _print_summary(summary: Any, output: str, note: str | None, where: str | Non
 
     from .stages.reduce import format_table
 
-    console = Console()
+    # a terminal gets its own width; a pipe or log gets room for the whole table instead of rich's 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(format_table(summary))
     if where:
         console.print(f"results: {where}/")
