@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import StaleOutputError
+from ..progress import no_progress
 from ..spec import Experiment
 from ..stages.common import RESULTS_KEY, Context, adapter_key, completions_key, labels_key
 from ..store import Store, store_for
@@ -72,9 +73,7 @@ def check_not_stale(ctx: Context) -> None:
 def rich_progress(enabled: bool = True) -> Iterator[Callable[[str, int], Any]]:
     """A progress-factory for Context: one bar per stage and model."""
     if not enabled:
-        from ..stages.common import _no_progress
-
-        yield _no_progress
+        yield no_progress
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

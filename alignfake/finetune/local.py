@@ -21,14 +21,15 @@ import math
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import AlignfakeError
 from ..faults import crash_point
+from ..progress import no_progress
 from ..spec import FinetuneSpec
 from ..store import Store
 from .checkpoints import commit_checkpoint_dir, latest_checkpoint, prune_checkpoints, restore_checkpoint
@@ -132,7 +133,7 @@ def train_local(
         start = _resume(store, ckpt_prefix, ckpt_fp, model, optimizer, scheduler, total, work, recompute, log, label)
         model.train()
         loss_value: float | None = None
-        with (progress or _no_progress)(f"finetune {label}", total) as advance:
+        with (progress or no_progress)(f"finetune {label}", total) as advance:
             advance(start)
             for step in range(start, total):
                 loss_value = _train_step(model, sequences, step_batches(step, len(sequences), ft), pad_id, device)
@@ -316,8 +317,3 @@ def _resume(store: Store, prefix: str, fp: str, model: Any, optimizer: Any, sche
     shutil.rmtree(d, ignore_errors=True)
     log(f"finetune {label}: resuming from the checkpoint of step {ckpt.step}/{total}")
     return ckpt.step
-
-
-@contextmanager
-def _no_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    yield lambda n=1: None

@@ -11,28 +11,19 @@ an unchanged spec reruns nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from typing import Any, Literal
 
 from ..data.loaders import LoadReport, Row, load_rows
 from ..errors import SpecError, StaleOutputError
+from ..progress import ProgressFactory, no_progress
 from ..spec import EMBEDDED_MODEL, Experiment, ModelSpec
 from ..store import Store, fingerprint, sha256_file
 
 Stage = Literal["finetune", "sample", "classify", "reduce"]
 STAGES: tuple[Stage, ...] = ("finetune", "sample", "classify", "reduce")
-
-# A progress reporter: ``with ctx.progress("sample tiny", total) as advance: advance(n)``.
-ProgressFactory = Callable[[str, int], Any]
-
-
-@contextmanager
-def _no_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    yield lambda n=1: None
-
 
 @dataclass
 class Context:
@@ -41,7 +32,7 @@ class Context:
     exp: Experiment
     store: Store
     recompute: bool = False
-    progress: ProgressFactory = _no_progress
+    progress: ProgressFactory = no_progress
     log: Callable[[str], None] = lambda msg: None
     engine_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for engine factories (tests inject a ready ``engine=``)."""
