@@ -287,9 +287,9 @@ def test_check_wrong_secret(rclone: S3Endpoint, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_check_unknown_access_key(rclone: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "TESTUNKNOWNKEY000000")
     msg = checked_error(new_store(rclone))
-    assert "access key id is not known" in msg and "AKIAUNKNOWNKEY000000" not in msg
+    assert "access key id is not known" in msg and "TESTUNKNOWNKEY000000" not in msg
 
 
 def test_check_closed_port(rclone: S3Endpoint) -> None:
@@ -416,7 +416,7 @@ def test_read_retries_a_body_cut_short(monkeypatch: pytest.MonkeyPatch) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), CutFirstBody)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKEFAKEFAKEFAKE")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "TESTFAKEFAKEFAKEFAKE")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake")
         store = S3Store("s3://bucket/exp", endpoint_url=f"http://127.0.0.1:{server.server_address[1]}")
         assert store.read_bytes("k") == body
