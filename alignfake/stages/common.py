@@ -48,15 +48,20 @@ class Context:
         return [rows[i * size : (i + 1) * size] for i in range(math.ceil(len(rows) / size))]
 
     def documents(self, model: ModelSpec) -> tuple[list[Row], LoadReport]:
+        """The model's documents, loaded once per run (the fingerprint and the trainer both need them, and a
+        30k-document source on S3 or the Hub is worth reading only once)."""
         assert model.finetune is not None
-        report = LoadReport()
-        rows = load_rows(
-            model.finetune.documents,
-            field_path=f"spec.models[{self.model_index(model)}].finetune.documents",
-            strict=False,
-            report=report,
-        )
-        return rows, report
+        cache = self.__dict__.setdefault("_documents", {})
+        if model.name not in cache:
+            report = LoadReport()
+            rows = load_rows(
+                model.finetune.documents,
+                field_path=f"spec.models[{self.model_index(model)}].finetune.documents",
+                strict=False,
+                report=report,
+            )
+            cache[model.name] = (rows, report)
+        return cache[model.name]
 
     def model_index(self, model: ModelSpec) -> int:
         return [m.name for m in self.exp.spec.models].index(model.name)

@@ -10,6 +10,7 @@ reason: never dropped, never counted as a refusal.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
 import zlib
 from collections.abc import Sequence
@@ -184,4 +185,6 @@ def run_sample(ctx: Context, model: ModelSpec, index: int = 0, count: int = 1) -
                 )
     finally:
         engine.close()
+        if adapter and ctx.store.local_path(adapter_key(model.name)) is None:
+            shutil.rmtree(adapter, ignore_errors=True)  # a downloaded copy (adapters of large models are GBs)
     return len(todo)
